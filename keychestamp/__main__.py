@@ -1,0 +1,7 @@
+"""
+python -m keychestamp
+"""
+
+from keychestamp.script import main
+
+main()
