@@ -101,7 +101,9 @@ def prepareWorkDir(path: FilePath) -> Dict[str, Any]:
     if not _idOK(config.get("id")):
         config["id"] = newProxyId()
         tmp = configFile.temporarySibling(".tmp")
-        tmp.setContent(json.dumps(config, indent=2).encode("utf-8") + b"\n")
+        fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(config, indent=2).encode("utf-8") + b"\n")
         os.replace(tmp.path, configFile.path)
     return config
 

@@ -44,6 +44,7 @@ from keychestamp.proxy.http11 import (
     splitAbsolute,
 )
 from keychestamp.proxy.policy import INTERCEPT, LOCAL, LOCAL_HOST, TUNNEL
+from keychestamp.proxy.tunnel import Tunnel
 from keychestamp.proxy.relay import BodyTap, ResponseRelay, StreamingBody, decodeContent
 
 if TYPE_CHECKING:
@@ -203,9 +204,8 @@ class HTTPHandler(Protocol):
         """
         self._eof = True
         if self._divert is not None:
-            halfClose = getattr(self._divert, "readConnectionLost", None)
-            if halfClose is not None:
-                halfClose()
+            if isinstance(self._divert, Tunnel):
+                self._divert.readConnectionLost()
             else:
                 self._close()
         elif self._state == "head" and not self._buffer.strip(b"\r\n"):

@@ -173,14 +173,22 @@ class ProxyConnection(Protocol):
             self._sink = self._handler
         self._sink.dataReceived(data)
 
+    _readClosed = _writeClosed = False
+
     def readConnectionLost(self) -> None:
+        self._readClosed = True
         if self._sink is self._handler and self._handler is not None:
             self._handler.readConnectionLost()
         else:
             self.transport.loseConnection()
+        if self._writeClosed:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        pass
+        # Twisted does not close a socket shut down both ways by itself
+        self._writeClosed = True
+        if self._readClosed:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._factory.connections -= 1

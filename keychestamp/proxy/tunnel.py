@@ -37,11 +37,19 @@ class TunnelUpstream(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._tunnel.fromUpstream(data)
 
+    _readClosed = _writeClosed = False
+
     def readConnectionLost(self) -> None:
+        self._readClosed = True
         self._tunnel.upstreamHalfClosed()
+        if self._writeClosed:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        pass
+        # Twisted does not close a socket shut down both ways by itself
+        self._writeClosed = True
+        if self._readClosed:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._tunnel.upstreamLost()
@@ -104,7 +112,7 @@ class Tunnel(Protocol):
 
     def _arm(self) -> None:
         seconds = self._ctx.timeouts.tunnel
-        if not seconds:
+        if not seconds or self._closed:
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(seconds)
@@ -139,6 +147,8 @@ class Tunnel(Protocol):
 
     # upstream -> client
     def fromUpstream(self, data: bytes) -> None:
+        if self._closed:
+            return
         self._handler.transport.write(data)
         self._arm()
 
