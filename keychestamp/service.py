@@ -39,7 +39,9 @@ from keychestamp.proxy.http11 import Limits
 from keychestamp.proxy.policy import ClientACL, ConnectPolicy
 from keychestamp.proxy.server import ProxyContext, ProxyFactory, Timeouts
 from keychestamp.sinks.file import FileSink
-from keychestamp.upstream import UpstreamClient, systemBundlePath
+from keychestamp.sinks.poster import Poster, buildHTTPClient
+from keychestamp.sinks.spool import Spool
+from keychestamp.upstream import UpstreamClient, systemBundlePath, trustRoot, trustedCertificates
 
 
 def diagnosticsLogger(level: str, namespace: str = "keychestamp") -> Logger:
@@ -59,6 +61,18 @@ def proxyAddress() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def makePoster(options: Options, workdir: FilePath, reactor: Any) -> Poster:
+    """
+    The poster with its spool in the working directory, trusting the system
+    roots plus --upstream-ca (a private collector).
+    """
+    spool = Spool(workdir.child("spool"))
+    client, pool = buildHTTPClient(
+        reactor, trustRoot(trustedCertificates(options["upstream-ca"])), options["connect-timeout"]
+    )
+    return Poster(spool, options["api-url"], client, reactor, headers=dict(options["api-header"]), pool=pool)
 
 
 class _UpstreamService(Service):
@@ -141,8 +155,6 @@ def makeService(
         sinks.append(fileSink)
     backlog = None
     if not options["noapi"]:
-        from keychestamp.sinks.poster import makePoster
-
         poster = makePoster(options, workdir, reactor)
         poster.setServiceParent(parent)
         sinks.append(poster)

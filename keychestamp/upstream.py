@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -106,6 +106,19 @@ class VerifyingPolicy:
         return creator
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """
+    A pool whose per-connection factories do not log "Starting factory" for
+    every upstream connection.
+    """
+
+    _factory = _QuietFactory
+
+
 class UpstreamClient:
     """
     The Agent and pool the proxy forwards through; close() drops cached
@@ -120,11 +133,13 @@ class UpstreamClient:
         extraBundle: Optional[str] = None,
         connectTimeout: float = 10.0,
         certificates: Optional[List[x509.Certificate]] = None,
+        maxPersistentPerHost: int = 64,
     ) -> None:
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
+        self.pool = _QuietPool(reactor, persistent=True)
+        # enough idle connections per upstream for a busy fleet's concurrency,
+        # so a burst does not close and reopen TLS connections
+        self.pool.maxPersistentPerHost = maxPersistentPerHost
         self.pool.cachedConnectionTimeout = 120
-        self.pool.retryAutomatically = False
         root = trustRoot(certificates if certificates is not None else trustedCertificates(extraBundle))
         self.agent = Agent(
             reactor,
