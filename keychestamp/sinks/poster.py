@@ -24,6 +24,7 @@ from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -33,6 +34,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
+    ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
@@ -405,13 +407,22 @@ class Poster(Service):
                 return
 
     async def _post(self, body: bytes) -> Tuple[int, Optional[str], bytes]:
-        response = await self._client.post(
-            self.url,
-            data=body,
-            headers=self._headers,
-            allow_redirects=False,
-            unbuffered=True,
-        )
+        for attempt in (1, 2):
+            try:
+                response = await self._client.post(
+                    self.url,
+                    data=body,
+                    headers=self._headers,
+                    allow_redirects=False,
+                    unbuffered=True,
+                )
+                break
+            except ResponseNeverReceived as e:
+                # A pooled connection the collector closed while it sat idle:
+                # send once more on a new connection at once rather than
+                # backing off (delivery is at-least-once anyway).
+                if attempt == 2 or not all(f.check(ConnectionDone, ConnectionLost) for f in e.reasons):
+                    raise
         answer = await _readPrefix(response, ANSWER_BODY_LIMIT)
         retryAfter = response.headers.getRawHeaders("retry-after")
         return response.code, (retryAfter[0] if retryAfter else None), answer

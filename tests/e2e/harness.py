@@ -47,6 +47,9 @@ PEBBLE_ENV = {
     "PEBBLE_VA_ALWAYS_VALID": "1",
     "PEBBLE_VA_NOSLEEP": "1",
     "PEBBLE_WFE_NONCEREJECT": "0",
+    # no reuse of valid authorizations: every order walks its challenges,
+    # so the flows (and their events) are the same on every run
+    "PEBBLE_AUTHZREUSE": "0",
 }
 
 #: PATH for the processes the harness starts; their environment is built
@@ -458,7 +461,9 @@ class KeychestampProxy:
         intercept: Sequence[str],
         extraArgs: Sequence[str] = (),
         level: str = "DEBUG",
+        apiURL: Optional[str] = None,
     ) -> None:
+        self.apiURL = apiURL
         self.directory = directory
         self.upstreamCA = upstreamCA
         self.intercept = list(intercept)
@@ -486,7 +491,7 @@ class KeychestampProxy:
             "-p", str(self.port),
             "-a", "127.0.0.1",
             "-f", self.auditPath,
-            "--noapi",
+            *(["--api-url", self.apiURL] if self.apiURL else ["--noapi"]),
             "--upstream-ca", self.upstreamCA,
             "-l", self.level,
         ]
@@ -543,6 +548,61 @@ class KeychestampProxy:
         SIGTERM the proxy (SIGKILL after C{timeout}); returns its exit status.
         """
         return _stop(self.process, timeout)
+
+    def kill(self, timeout: float = 15.0) -> Optional[int]:
+        """
+        SIGKILL the proxy (no clean shutdown at all); returns its exit status.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.kill()
+        return self.process.wait(timeout)
+
+
+class Collector:
+    """
+    A local HTTP collector (tests/e2e/collector.py) that appends every POSTed
+    body as one line to a file and answers 200: what the poster feeds.
+    """
+
+    def __init__(self, directory: str, port: Optional[int] = None) -> None:
+        self.directory = directory
+        self.port = port or freePort()
+        self.path = os.path.join(directory, "collected.jsonl")
+        self.logPath = os.path.join(directory, "collector.log")
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/event" % (self.port,)
+
+    def start(self, timeout: float = 20.0) -> "Collector":
+        os.makedirs(self.directory, exist_ok=True)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "collector.py")
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, script, str(self.port), self.path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        _waitFor(lambda: _portAccepts(self.port), self.process, "collector", self.logPath, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        return _stop(self.process, timeout)
+
+    def events(self) -> List[Dict[str, Any]]:
+        return readAudit(self.path) if os.path.exists(self.path) else []
+
+    def waitFor(self, count: int, timeout: float = 60.0) -> List[Dict[str, Any]]:
+        """
+        Wait (bounded) until C{count} distinct event ids have arrived.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.events()
+            if len({e["id"] for e in events}) >= count or time.monotonic() > deadline:
+                return events
+            time.sleep(0.1)
 
     def log(self) -> str:
         """
