@@ -44,19 +44,32 @@ class KeyPermissionError(Exception):
     """
 
 
-def _writePrivate(path: FilePath, data: bytes) -> None:
+def _writeFile(path: FilePath, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """
-    Write a file that only the owner may read, atomically (no window in which
-    a key exists with wider permissions).
+    Write a file atomically, created with C{mode} (no window in which a key
+    exists with wider permissions). FilePath.setContent would create it 0777
+    less the umask: executable certificates.
     """
     tmp = path.temporarySibling(b".tmp" if isinstance(path.path, bytes) else ".tmp")
-    fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp.path, path.path)
+    try:
+        os.replace(tmp.path, path.path)
+    except OSError:
+        os.unlink(tmp.path)
+        raise
+
+
+def _writePrivate(path: FilePath, data: bytes) -> None:
+    """
+    Write a file that only the owner may read.
+    """
+    _writeFile(path, data, 0o600)
 
 
 def _checkPrivate(path: FilePath) -> None:
@@ -181,7 +194,7 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        certPath.setContent(cert.public_bytes(serialization.Encoding.PEM))
+        _writeFile(certPath, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         self.log.info("created a new root CA in {dir}", dir=self._dir.path)
         return key, cert
 
@@ -263,7 +276,7 @@ class CertificateAuthority:
             .sign(self.rootKey, hashes.SHA256())
         )
         try:
-            self._leafPath(name).setContent(cert.public_bytes(serialization.Encoding.PEM))
+            _writeFile(self._leafPath(name), cert.public_bytes(serialization.Encoding.PEM), 0o644, sync=False)
         except OSError as e:
             self.log.warn("cannot cache the leaf for {name} on disk: {error}", name=name, error=e)
         return cert, self.leafKey
@@ -323,7 +336,9 @@ def sniContext(ca: CertificateAuthority) -> SSL.Context:
         raw = conn.get_servername()
         if raw:
             try:
-                cert, key = ca.leafFor(raw.decode("idna"))
+                # SNI carries A-labels; the "idna" codec would turn them into
+                # U-labels, which a DNSName SAN refuses.
+                cert, key = ca.leafFor(raw.decode("ascii"))
             except Exception:
                 log.failure("no leaf for SNI name {name!r}", name=raw)
                 return

@@ -210,6 +210,9 @@ class Options(usage.Options):
         self["connect-port"] = []
         self["api-header"] = []
 
+    #: -h as in the original; usage.Options only knows --help.
+    opt_h = usage.Options.opt_help
+
     def opt_intercept(self, value: str) -> None:
         """also intercept HOST[:PORT] (repeatable; '*' = every host); default: the public ACME CAs"""
         self["intercept"].append(parseIntercept(value))
