@@ -29,8 +29,10 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.filepath import FilePath
+from zope.interface import classImplements
 
 from keychestamp import __version__
+from keychestamp.acme.classifier import AcmeClassifier, IEventLogger
 from keychestamp.ca import CertificateAuthority
 from keychestamp.events import IEventSink, EventLog, IdStore
 from keychestamp.exchange import IExchangeObserver, LoggingObserver, ObserverFanOut
@@ -42,6 +44,9 @@ from keychestamp.sinks.file import FileSink
 from keychestamp.sinks.poster import Poster, buildHTTPClient
 from keychestamp.sinks.spool import Spool
 from keychestamp.upstream import UpstreamClient, systemBundlePath, trustRoot, trustedCertificates
+
+
+classImplements(EventLog, IEventLogger)
 
 
 def diagnosticsLogger(level: str, namespace: str = "keychestamp") -> Logger:
@@ -170,8 +175,6 @@ def makeService(
         backlog=backlog,
     )
     parent.events = events  # type: ignore[attr-defined]
-
-    from keychestamp.acme.classifier import AcmeClassifier
 
     observer = ObserverFanOut([LoggingObserver(log), AcmeClassifier(events), *extraObservers], log)
 
