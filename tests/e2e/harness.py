@@ -549,6 +549,12 @@ class KeychestampProxy:
         """
         return _stop(self.process, timeout)
 
+    def log(self) -> str:
+        """
+        What twistd has logged so far.
+        """
+        return _read(self.logPath)
+
     def kill(self, timeout: float = 15.0) -> Optional[int]:
         """
         SIGKILL the proxy (no clean shutdown at all); returns its exit status.
@@ -603,12 +609,6 @@ class Collector:
             if len({e["id"] for e in events}) >= count or time.monotonic() > deadline:
                 return events
             time.sleep(0.1)
-
-    def log(self) -> str:
-        """
-        What twistd has logged so far.
-        """
-        return _read(self.logPath)
 
 
 # -- audit file --------------------------------------------------------------
