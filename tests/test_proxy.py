@@ -470,3 +470,31 @@ class IPv6Tests(TestCase):
         out, err, code = yield curl("-x", f"http://[::1]:{port}", "http://amp.keychest.net/")
         self.assertEqual(code, 0, err)
         self.assertEqual(out, options["authority"].rootPEM)
+
+    @inlineCallbacks
+    def test_dualStackDefault(self):
+        """
+        Without -a the proxy listens on all interfaces, IPv4 and IPv6 alike
+        (one socket on :: with IPv4 mapped).
+        """
+        import socket as _socket
+
+        probe = _socket.socket(_socket.AF_INET6)
+        try:
+            probe.bind(("::", 0))
+        except OSError as e:
+            raise SkipTest(f"no IPv6 here: {e}")
+        port = probe.getsockname()[1]
+        probe.close()
+        fx = ProxyFixture(self)
+        from keychestamp.service import makeService
+        from tests.support import parseOptions
+
+        options = parseOptions(["-e", os.path.join(fx.tmp, "etc"), "-p", str(port), "-f", os.path.join(fx.tmp, "a.json"), "-n"])
+        service = makeService(options, reactor)
+        yield service.startService()
+        self.addCleanup(service.stopService)
+        for proxy in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+            out, err, code = yield curl("-x", proxy, "http://amp.keychest.net/")
+            self.assertEqual(code, 0, err)
+            self.assertEqual(out, options["authority"].rootPEM)
