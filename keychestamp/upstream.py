@@ -110,10 +110,11 @@ class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-class _QuietPool(HTTPConnectionPool):
+class QuietPool(HTTPConnectionPool):
     """
-    A pool whose per-connection factories do not log "Starting factory" for
-    every upstream connection.
+    A connection pool whose per-connection factories do not log "Starting
+    factory" for every connection (Twisted's client protocol already turns
+    Nagle off).
     """
 
     _factory = _QuietFactory
@@ -135,7 +136,7 @@ class UpstreamClient:
         certificates: Optional[List[x509.Certificate]] = None,
         maxPersistentPerHost: int = 64,
     ) -> None:
-        self.pool = _QuietPool(reactor, persistent=True)
+        self.pool = QuietPool(reactor, persistent=True)
         # enough idle connections per upstream for a busy fleet's concurrency,
         # so a burst does not close and reopen TLS connections
         self.pool.maxPersistentPerHost = maxPersistentPerHost

@@ -35,6 +35,16 @@ URL = "https://collector.example/api/v1.0/amp/event"
 Answer = Tuple[Optional[int], Dict[str, str], bytes]
 
 
+
+def emitNow(poster: Poster, e: Dict[str, Any]) -> "Deferred[None]":
+    """
+    emit, then commit at once (in production the reactor commits one turn
+    later, grouping the events of that turn into one transaction).
+    """
+    d = poster.emit(e)
+    poster.commit()
+    return d
+
 class ScriptedCollector(Resource):
     """
     Answers each POST with the next scripted answer, then 200; records what
@@ -140,7 +150,7 @@ class PosterTests(SynchronousTestCase):
         """
         poster, collector = self.poster([(201, {}, b"created")])
         self.clock.advance(5)
-        d = poster.emit(event(1))
+        d = emitNow(poster, event(1))
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(collector.ids(), [1])
         self.assertEqual(poster.backlog(), 0)
@@ -159,7 +169,7 @@ class PosterTests(SynchronousTestCase):
         )
         self.clock.advance(100)
         original = event(7)
-        poster.emit(original)
+        emitNow(poster, original)
         self.assertEqual(original["log_time"], "old")
         ((headers, body),) = collector.requests
         self.assertEqual(body, dict(event(7), log_time="1970-01-01 00:01:40"))
@@ -175,7 +185,7 @@ class PosterTests(SynchronousTestCase):
         poster, collector = self.poster(
             [], headers={"content-type": "application/json; charset=utf-8"}
         )
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         ((headers, _),) = collector.requests
         self.assertEqual(
             headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"]
@@ -189,7 +199,7 @@ class PosterTests(SynchronousTestCase):
         collector = ScriptedCollector([])
         poster = Poster(self.spool, URL, StubTreq(collector), self.clock)
         for n in (1, 2):
-            self.successResultOf(poster.emit(event(n)))
+            self.successResultOf(emitNow(poster, event(n)))
         self.assertEqual((collector.ids(), poster.backlog()), ([], 2))
         poster.startService()
         self.addCleanup(poster.stopService)
@@ -200,7 +210,7 @@ class PosterTests(SynchronousTestCase):
         A 500 is retried no sooner than C{low} and no later than C{high}.
         """
         poster, collector = self.poster([(500, {}, b"oops")], random=lambda: jitter)
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual(collector.ids(), [1])
         self.assertEqual((poster.backlog(), poster.consecutiveFailures), (1, 1))
         self.assertIn("500", poster.lastError)
@@ -231,7 +241,7 @@ class PosterTests(SynchronousTestCase):
         poster, collector = self.poster(
             [(502, {}, b"")] * 8, random=lambda: 0.5, maxBackoff=10
         )
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         delays = []
         for _ in range(8):
             delay = poster.nextAttempt - self.clock.seconds()
@@ -248,7 +258,7 @@ class PosterTests(SynchronousTestCase):
         A 429 with Retry-After: 7 is retried after exactly 7 seconds.
         """
         poster, collector = self.poster([(429, {"Retry-After": "7"}, b"slow down")])
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.clock.advance(6.99)
         self.assertEqual(collector.ids(), [1])
         self.clock.advance(0.01)
@@ -262,7 +272,7 @@ class PosterTests(SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         when = datetimeToString(1_700_000_020).decode()
         poster, collector = self.poster([(503, {"Retry-After": when}, b"")])
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual(poster.nextAttempt, 1_700_000_020)
         self.clock.advance(20)
         self.assertEqual(collector.ids(), [1, 1])
@@ -272,7 +282,7 @@ class PosterTests(SynchronousTestCase):
         Retry-After on a 500 is not honoured: the backoff applies.
         """
         poster, _ = self.poster([(500, {"Retry-After": "100"}, b"")])
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual(poster.nextAttempt - self.clock.seconds(), 0.5)
 
     def test_retryAfterCapped(self) -> None:
@@ -280,7 +290,7 @@ class PosterTests(SynchronousTestCase):
         An absurd Retry-After is honoured only up to maxRetryAfter.
         """
         poster, _ = self.poster([(429, {"Retry-After": "99999999"}, b"")])
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual(poster.nextAttempt, Poster.maxRetryAfter)
 
     def test_retryAfterZero(self) -> None:
@@ -288,7 +298,7 @@ class PosterTests(SynchronousTestCase):
         Retry-After: 0 waits initialBackoff, not zero (no busy loop).
         """
         poster, _ = self.poster([(503, {"Retry-After": "0"}, b"")], initialBackoff=2)
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual(poster.nextAttempt - self.clock.seconds(), 2)
 
     def test_parseRetryAfter(self) -> None:
@@ -307,7 +317,7 @@ class PosterTests(SynchronousTestCase):
         """
         client = FlakyClient(2, StubTreq(ScriptedCollector([])))
         poster, _ = self.poster([], client=client)
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.assertEqual((client.calls, poster.consecutiveFailures), (1, 1))
         self.assertIn("ConnectionRefusedError", poster.lastError)
         self.clock.advance(0.5)
@@ -323,8 +333,8 @@ class PosterTests(SynchronousTestCase):
         """
         poster, collector = self.poster([(400, {}, b"missing field 'msg'")])
         with capturedLogs() as logs:
-            poster.emit(event(1))
-            poster.emit(event(2))
+            emitNow(poster, event(1))
+            emitNow(poster, event(2))
         self.assertEqual(collector.ids(), [1, 2])
         self.assertEqual(poster.backlog(), 0)
         (_, dead, status, body, _), = self.spool.dead()
@@ -351,7 +361,7 @@ class PosterTests(SynchronousTestCase):
         )
         with capturedLogs() as logs:
             poster.startService()
-            poster.emit(event(1))
+            emitNow(poster, event(1))
             self.clock.advance(0.5)
             self.successResultOf(poster.stopService())
         text = "\n".join(formatEvent(e) for e in logs)
@@ -367,7 +377,7 @@ class PosterTests(SynchronousTestCase):
         poster, collector = self.poster(
             [(408, {}, b""), (429, {}, b""), (302, {"Location": "/x"}, b"")]
         )
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.clock.advance(0.5)
         self.clock.advance(1.0)
         self.clock.advance(2.0)
@@ -380,11 +390,11 @@ class PosterTests(SynchronousTestCase):
         request is sent early) and everything arrives in order.
         """
         poster, collector = self.poster([(500, {}, b""), (503, {}, b"")])
-        poster.emit(event(1))
-        poster.emit(event(2))
+        emitNow(poster, event(1))
+        emitNow(poster, event(2))
         self.assertEqual(collector.ids(), [1])
         self.clock.advance(0.5)
-        poster.emit(event(3))
+        emitNow(poster, event(3))
         self.assertEqual(collector.ids(), [1, 1])
         self.clock.advance(1.0)
         self.assertEqual(collector.ids(), [1, 1, 1, 2, 3])
@@ -394,7 +404,7 @@ class PosterTests(SynchronousTestCase):
         A POST unanswered after timeout seconds is cancelled and retried.
         """
         poster, collector = self.poster([(None, {}, b"")], timeout=30)
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.clock.advance(29)
         self.assertEqual(poster.consecutiveFailures, 0)
         self.clock.advance(1)
@@ -413,7 +423,7 @@ class PosterTests(SynchronousTestCase):
         poster, collector = self.poster(
             [(None, {}, b"")], shutdownGrace=5, pool=pool
         )
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         stopped = poster.stopService()
         self.assertNoResult(stopped)
         self.clock.advance(4.9)
@@ -437,12 +447,12 @@ class PosterTests(SynchronousTestCase):
         stopService during a backoff returns at once and leaves no timer.
         """
         poster, collector = self.poster([(500, {}, b"")])
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         self.successResultOf(poster.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertIsNone(poster.nextAttempt)
         self.assertEqual(self.spool.backlog(), 1)
-        poster.emit(event(2))
+        emitNow(poster, event(2))
         self.assertEqual(collector.ids(), [1])
         self.assertEqual(self.spool.backlog(), 2)
 
@@ -452,7 +462,7 @@ class PosterTests(SynchronousTestCase):
         """
         poster, collector = self.poster([])
         self.successResultOf(poster.stopService())
-        poster.emit(event(1))
+        emitNow(poster, event(1))
         poster.startService()
         self.assertEqual((collector.ids(), poster.backlog()), ([1], 0))
 
@@ -487,7 +497,7 @@ class BrokenSpoolTests(SynchronousTestCase):
 
     def assertLostLoudly(self, poster: Poster) -> None:
         with capturedLogs() as logs:
-            d = poster.emit(event(9))
+            d = emitNow(poster, event(9))
         failure = self.failureResultOf(d, SpoolError)
         critical = [e for e in logs if e["log_level"] == LogLevel.critical]
         self.assertEqual(len(critical), 1)
@@ -717,12 +727,12 @@ class LoopbackTests(TestCase):
         ports: List[Any] = []
         try:
             for n in range(1, 26):
-                self.successResultOf(poster.emit(event(n)))
+                self.successResultOf(emitNow(poster, event(n)))
             refused = await client.refused.addTimeout(10, reactor)
             self.assertIsInstance(refused, ConnectionRefusedError)
             ports.append(reactor.listenTCP(number, site, interface="127.0.0.1"))
             for n in range(26, 51):
-                self.successResultOf(poster.emit(event(n)))
+                self.successResultOf(emitNow(poster, event(n)))
             await collector.complete.addTimeout(20, reactor)
         finally:
             await self.stopAll(poster, site, ports)
@@ -842,7 +852,7 @@ class LoopbackTests(TestCase):
         poster.startService()
         error = None
         try:
-            poster.emit(event(1))
+            emitNow(poster, event(1))
             if trusted:
                 await collector.complete.addTimeout(10, reactor)
             else:
@@ -875,3 +885,53 @@ class LoopbackTests(TestCase):
             self.assertEqual((collector.ids, spool.backlog()), ([1], 0))
 
         return Deferred.fromCoroutine(run())
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """
+    Events emitted in one reactor turn are spooled in one transaction.
+    """
+
+    def test_burstIsOneTransaction(self) -> None:
+        """
+        Three emits in one turn: nothing is spooled (and no Deferred has fired)
+        until the reactor turns; then all three are stored by one appendMany
+        call, in order, and every Deferred fires.
+        """
+        spool = Spool(self.mktemp())
+        self.addCleanup(spool.close)
+        calls: List[int] = []
+        original = spool.appendMany
+
+        def counting(events):  # type: ignore[no-untyped-def]
+            calls.append(len(events))
+            return original(events)
+
+        spool.appendMany = counting  # type: ignore[method-assign]
+        clock = Clock()
+        poster = Poster(spool, URL, object(), clock)
+        ds = [poster.emit(event(n)) for n in (1, 2, 3)]
+        self.assertEqual(poster.backlog(), 3)
+        self.assertEqual(spool.backlog(), 0)
+        for d in ds:
+            self.assertNoResult(d)
+        clock.advance(0)
+        self.assertEqual(calls, [3])
+        for d in ds:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual([e["id"] for _, e in spool.peek(10)], [1, 2, 3])
+
+    def test_stopCommits(self) -> None:
+        """
+        stopService stores what was emitted in the last turn.
+        """
+        where = self.mktemp()
+        spool = Spool(where)
+        clock = Clock()
+        poster = Poster(spool, URL, object(), clock)
+        poster.startService()
+        poster.emit(event(7))
+        poster.stopService()
+        again = Spool(where)
+        self.addCleanup(again.close)
+        self.assertEqual([e["id"] for _, e in again.peek(10)], [7])

@@ -24,6 +24,11 @@ class FullDisk(sqlite3.Connection):
             raise sqlite3.OperationalError("database or disk is full")
         return super().execute(sql, *args)
 
+    def executemany(self, sql, *args):  # type: ignore[no-untyped-def, override]
+        if sql.lstrip().upper().startswith("INSERT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().executemany(sql, *args)
+
 
 class SpoolTests(SynchronousTestCase):
     """

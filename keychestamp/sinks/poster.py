@@ -43,6 +43,7 @@ from zope.interface import implementer
 from keychestamp import __version__
 from keychestamp.events import Event, IBacklog, IEventSink, formatTime
 from keychestamp.sinks.spool import Spool, SpoolError
+from keychestamp.upstream import QuietPool
 
 #: How much of an answer's body is read and kept (diagnostics, dead table).
 ANSWER_BODY_LIMIT = 4096
@@ -85,7 +86,7 @@ def buildHTTPClient(
     @param trustRoot: an C{IOpenSSLTrustRoot}, e.g. from
         C{twisted.internet.ssl.trustRootFromCertificates}, or None.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietPool(reactor, persistent=True)
     # One request at a time: one connection is enough. Close idle ones
     # before common server keep-alive limits (5 s in Node, more elsewhere)
     # so a POST rarely lands on a connection the server is closing.
@@ -245,6 +246,8 @@ class Poster(Service):
         self.deadLettered = 0
 
         self._busy = False
+        self._unspooled: List[Tuple[Event, "Deferred[None]"]] = []
+        self._commitCall: Optional[IDelayedCall] = None
         self._inflight: Optional[Deferred[Any]] = None
         self._retryCall: Optional[IDelayedCall] = None
         self._idleWaiters: List[Deferred[None]] = []
@@ -253,29 +256,52 @@ class Poster(Service):
 
     def emit(self, event: Event) -> "Deferred[None]":
         """
-        Spool the event, then wake the sender. Fails (never raises) when the
-        spool cannot store it: the event is then lost, said loudly.
+        Spool the event, then wake the sender. The Deferred fires once the
+        event is stored; events emitted in the same reactor turn share one
+        SQLite transaction (a group commit), so a burst costs one WAL write.
+        It fails (never raises) when the spool cannot store it: the event is
+        then lost, said loudly.
         """
+        d: "Deferred[None]" = Deferred()
+        self._unspooled.append((event, d))
+        if self._commitCall is None:
+            self._commitCall = self._clock.callLater(0, self.commit)
+        return d
+
+    def commit(self) -> None:
+        """
+        Store the events emitted since the last commit (called by the
+        reactor one turn after emit, and before the service stops).
+        """
+        if self._commitCall is not None and self._commitCall.active():
+            self._commitCall.cancel()
+        self._commitCall = None
+        batch, self._unspooled = self._unspooled, []
+        if not batch:
+            return
         try:
-            self._spool.append(event)
+            self._spool.appendMany([event for event, _ in batch])
         except Exception as e:
             self.lastError = f"spool: {e}"
-            self.log.critical(
-                "KeyChest poster LOST event id={id} msg={msg}: it could not be "
-                "spooled ({error})",
-                id=event.get("id") if isinstance(event, dict) else None,
-                msg=event.get("msg") if isinstance(event, dict) else None,
-                error=str(e),
-            )
-            return fail(e)
+            for event, d in batch:
+                self.log.critical(
+                    "KeyChest poster LOST event id={id} msg={msg}: it could not "
+                    "be spooled ({error})",
+                    id=event.get("id") if isinstance(event, dict) else None,
+                    msg=event.get("msg") if isinstance(event, dict) else None,
+                    error=str(e),
+                )
+                d.errback(e)
+            return
+        for _, d in batch:
+            d.callback(None)
         self._wake()
-        return succeed(None)
 
     def backlog(self) -> int:
         """
-        Events in the spool not yet accepted by the collector.
+        Events not yet accepted by the collector (spooled, or about to be).
         """
-        return self._spool.backlog()
+        return self._spool.backlog() + len(self._unspooled)
 
     # Service
 
@@ -299,6 +325,7 @@ class Poster(Service):
         answered, then it is cancelled; undelivered events stay spooled.
         """
         Service.stopService(self)
+        self.commit()  # spooled now, sent after the next start
         if self._retryCall is not None:
             if self._retryCall.active():
                 self._retryCall.cancel()
