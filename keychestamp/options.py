@@ -198,6 +198,9 @@ class Options(usage.Options):
         ["api-url", None, DEFAULT_API_URL, "where the poster POSTs events"],
         ["upstream-ca", None, None, "extra PEM bundle trusted for upstream servers"],
         ["limits", None, None, "JSON rate-limit table for the ledger"],
+        ["failing-after", None, 3, "consecutive failed orders or validations that flag a client (ledger)", int],
+        ["expiry-days", None, 30.0, "days before not_after a certificate is flagged as expiring (ledger)", float],
+        ["egress-ip", None, None, "the proxy's address as the ACME server sees it, for new-accounts-per-ip (ledger)"],
         ["admin", None, None, "admin listener endpoint, e.g. tcp:8444:interface=127.0.0.1"],
     ] + [[name, None, default, help, type(default)] for (name, default, help) in LIMITS]
 
@@ -271,12 +274,34 @@ class Options(usage.Options):
         if not self["max-connections"]:
             soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
             self["max-connections"] = max(16, min(4096, soft // 4))
+        if self["admin"]:
+            from keychestamp.admin.endpoint import AdminEndpointError, checkAdminEndpoint
+
+            try:
+                checkAdminEndpoint(self["admin"], self["allow"], self["port"])
+            except AdminEndpointError as e:
+                raise usage.UsageError(str(e))
         if not self["allow"]:
             self["allow"] = [ipaddress.ip_network(n) for n in DEFAULT_ALLOW]
         if self["upstream-ca"]:
             _readable(self["upstream-ca"], "--upstream-ca")
         if self["limits"]:
             _readable(self["limits"], "--limits")
+        from keychestamp.ledger.limits import LimitsError, loadLimits
+
+        try:
+            self["limit-table"] = loadLimits(self["limits"])
+        except LimitsError as e:
+            raise usage.UsageError(str(e))
+        if self["failing-after"] < 1:
+            raise usage.UsageError("--failing-after: must be at least 1")
+        if self["expiry-days"] < 0:
+            raise usage.UsageError("--expiry-days: must not be negative")
+        if self["egress-ip"] is not None:
+            try:
+                self["egress-ip"] = str(ipaddress.ip_address(self["egress-ip"].strip("[]")))
+            except ValueError:
+                raise usage.UsageError(f"--egress-ip: {self['egress-ip']!r} is not an IP address")
         self["etc"] = self["etc"] or defaultWorkDir(self._environ)
         try:
             self["config"] = prepareWorkDir(FilePath(os.path.abspath(self["etc"])))

@@ -5,8 +5,10 @@ makeService(): the MultiService tree of one proxy, built from parsed Options.
       event-ids      IdStore (stops last: it is added first)
       file           FileSink (with -f / -n)
       poster         Poster (unless -n)
+      ledger         rate-limit ledger: a sink, its SQLite file and its timer
       upstream       closes the Agent's pooled connections on stop
       proxy          the listening port
+      admin          status page, /status.json, /metrics, /healthz (with --admin)
 
 Nothing here is global: two services built from two Options run side by side
 in one process.
@@ -36,6 +38,7 @@ from keychestamp.acme.classifier import AcmeClassifier, IEventLogger
 from keychestamp.ca import CertificateAuthority
 from keychestamp.events import IEventSink, EventLog, IdStore
 from keychestamp.exchange import IExchangeObserver, LoggingObserver, ObserverFanOut
+from keychestamp.ledger.ledger import makeLedger
 from keychestamp.options import Options
 from keychestamp.proxy.http11 import Limits
 from keychestamp.proxy.policy import ClientACL, ConnectPolicy
@@ -164,6 +167,18 @@ def makeService(
         poster.setServiceParent(parent)
         sinks.append(poster)
         backlog = poster
+    adminStats = None
+    if options.get("admin"):
+        from keychestamp.admin.stats import AdminStats
+
+        adminStats = AdminStats(reactor)
+        sinks.append(adminStats)
+    # The ledger is the last sink: it sees each event after the others took
+    # it, and its derived events go back through the event log below.
+    ledger = makeLedger(options, workdir, reactor, log)
+    ledger.setServiceParent(parent)
+    sinks.append(ledger)
+    parent.ledger = ledger  # type: ignore[attr-defined]
     events = EventLog(
         options["proxy-id"],
         sinks,
@@ -175,6 +190,7 @@ def makeService(
         backlog=backlog,
     )
     parent.events = events  # type: ignore[attr-defined]
+    ledger.setEventLog(events.log)
 
     observer = ObserverFanOut([LoggingObserver(log), AcmeClassifier(events), *extraObservers], log)
 
@@ -223,6 +239,17 @@ def makeService(
     listener.setName("proxy")
     listener.setServiceParent(parent)
     parent.context = context  # type: ignore[attr-defined]
+    if adminStats is not None:
+        from keychestamp.admin.service import makeAdminService
+
+        # Last child: stops first, and never on the proxy's port.
+        admin = makeAdminService(
+            options["admin"], reactor, parent, adminStats, ClientACL(options["allow"]),
+            options["proxy-id"], __version__, poster=backlog,
+            headroom=getattr(parent, "ledger", None), log=log,
+        )
+        admin.setServiceParent(parent)
+        parent.admin = admin  # type: ignore[attr-defined]
     log.info(
         "keychestamp {version} proxy {id} on {addr} port {port}; working directory {etc}",
         version=__version__, id=options["proxy-id"], addr=addr or "::", port=port, etc=workdir.path,

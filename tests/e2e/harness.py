@@ -358,7 +358,10 @@ class Pebble:
 
     @ivar directoryURL: the ACME directory URL clients use.
     @ivar tlsCA: PEM file of the CA that signed Pebble's HTTPS certificate.
+    @cvar environment: Pebble's knobs (L{PEBBLE_ENV}).
     """
+
+    environment: Mapping[str, str] = PEBBLE_ENV
 
     def __init__(self, directory: str, hostName: str, binary: str = "pebble") -> None:
         self.directory = directory
@@ -419,7 +422,7 @@ class Pebble:
         os.makedirs(self.directory, exist_ok=True)
         self._writeConfig()
         env = {"PATH": _BASE_PATH, "HOME": self.directory, "LC_ALL": "C.UTF-8"}
-        env.update(PEBBLE_ENV)
+        env.update(self.environment)
         with open(self.logPath, "ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "-config", self.configPath],
@@ -443,6 +446,20 @@ class Pebble:
         PEM of the root that signs the certificates Pebble issues.
         """
         return self._get("https://127.0.0.1:%d/roots/0" % (self.managementPort,))
+
+
+#: Pebble's knobs with real validation: PEBBLE_VA_ALWAYS_VALID unset, so a
+#: challenge nobody answers fails (at once, with PEBBLE_VA_NOSLEEP).
+PEBBLE_VALIDATING_ENV = {k: v for k, v in PEBBLE_ENV.items() if k != "PEBBLE_VA_ALWAYS_VALID"}
+
+
+class ValidatingPebble(Pebble):
+    """
+    A Pebble that really validates challenges: with nothing answering them,
+    every validation fails (a client that is failing).
+    """
+
+    environment = PEBBLE_VALIDATING_ENV
 
 
 class KeychestampProxy:
