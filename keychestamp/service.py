@@ -57,7 +57,8 @@ def diagnosticsLogger(level: str, namespace: str = "keychestamp") -> Logger:
     A Logger whose events below -l's level are dropped before they reach
     twistd's log. Per service, not global.
     """
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level.lower()))
+    name = {"WARNING": "warn"}.get(level.upper(), level.lower())
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(name))
     return Logger(namespace=namespace, observer=FilteringLogObserver(globalLogPublisher, [predicate]))
 
 

@@ -22,6 +22,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from keychestamp.proxy.relay import StrictClientFactory
+
 FALLBACK_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
@@ -120,6 +122,15 @@ class QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+class StrictPool(QuietPool):
+    """
+    The proxy's upstream pool: response heads are parsed as strictly as
+    requests (see L{keychestamp.proxy.relay.StrictClientProtocol}).
+    """
+
+    _factory = StrictClientFactory
+
+
 class UpstreamClient:
     """
     The Agent and pool the proxy forwards through; close() drops cached
@@ -136,7 +147,7 @@ class UpstreamClient:
         certificates: Optional[List[x509.Certificate]] = None,
         maxPersistentPerHost: int = 64,
     ) -> None:
-        self.pool = QuietPool(reactor, persistent=True)
+        self.pool = StrictPool(reactor, persistent=True)
         # enough idle connections per upstream for a busy fleet's concurrency,
         # so a burst does not close and reopen TLS connections
         self.pool.maxPersistentPerHost = maxPersistentPerHost

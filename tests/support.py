@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -199,6 +200,7 @@ class ProxyFixture:
     def __init__(self, testCase: Any, extraArgs: Sequence[str] = (), intercept: bool = True) -> None:
         self.testCase = testCase
         self.tmp = tempfile.mkdtemp(prefix="kc-proxy-")
+        testCase.addCleanup(shutil.rmtree, self.tmp, True)
         self.ca = TestCA()
         self.caFile = self.ca.writePEM(self.tmp)
         self.resource = Recorder()

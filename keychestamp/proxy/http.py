@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, List, Optional, Set, Tuple
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
@@ -38,6 +39,7 @@ from keychestamp.proxy.http11 import (
     ChunkedDecoder,
     HTTPError,
     RequestHead,
+    checkRelayedResponse,
     findHeadEnd,
     parseAuthority,
     parseHead,
@@ -45,13 +47,21 @@ from keychestamp.proxy.http11 import (
 )
 from keychestamp.proxy.policy import INTERCEPT, LOCAL, LOCAL_HOST, TUNNEL
 from keychestamp.proxy.tunnel import Tunnel
-from keychestamp.proxy.relay import BodyTap, ResponseRelay, StreamingBody, decodeContent
+from keychestamp.proxy.relay import (
+    BodyTap,
+    ResponseRelay,
+    StreamingBody,
+    UpstreamHandshakeLost,
+    decodeContent,
+)
 
 if TYPE_CHECKING:
     from keychestamp.proxy.server import ProxyContext
 
 PIPELINE_BUFFER = 65536
 NO_BODY_STATUS = (204, 304)
+IDLE = "idle keep-alive"
+CLOSING = "the close"
 
 
 def _phrase(status: int) -> bytes:
@@ -88,7 +98,7 @@ def classifyUpstreamFailure(reason: Failure) -> Tuple[int, str, str]:
     if reason.check(ResponseNeverReceived, ResponseFailed):
         inner = list(reason.value.reasons) or inner
     for f in inner:
-        if f.check(ConnectTimeoutError, CancelledError):
+        if f.check(ConnectTimeoutError, DeferredTimeoutError, CancelledError):
             return 504, STAGE_UPSTREAM_TIMEOUT, "upstream did not answer in time"
     for f in inner:
         if f.check(DNSLookupError):
@@ -98,7 +108,8 @@ def classifyUpstreamFailure(reason: Failure) -> Tuple[int, str, str]:
     for f in inner:
         text = f.getErrorMessage()
         typ = f.type.__module__ + "." + f.type.__name__ if f.type else ""
-        if "SSL" in typ or "certificate" in text.lower() or "VerificationError" in typ:
+        tls = "SSL" in typ or "VerificationError" in typ or f.check(UpstreamHandshakeLost)
+        if tls or "certificate" in text.lower():
             return 502, STAGE_UPSTREAM_TLS, f"TLS with the upstream failed: {text}"
     text = "; ".join(f.getErrorMessage() for f in inner)
     return 502, STAGE_UPSTREAM_RESPONSE, f"bad or no response from upstream: {text}"
@@ -129,12 +140,19 @@ class HTTPHandler(Protocol):
         self._tls = tls
         self._handshook = not tls
         self._buffer = b""
+        self._scanned = 0  # bytes of _buffer already searched for the head's end
         self._state = "head"  # head, body, waiting, diverted
         self._divert: Optional[Protocol] = None
         self._timer: Optional[IDelayedCall] = None
+        self._timerWhat = ""
+        self._timedOut: Optional[str] = None
+        #: when the client's connection opened (the first head's deadline
+        #: counts from then), if earlier than connectionMade
+        self.opened: Optional[float] = None
         self._pauses: Set[str] = set()
         self._eof = False
         self.closed = False
+        self._lost = self._aborted = False
         # the request in flight
         self._head: Optional[RequestHead] = None
         self._target: Tuple[str, str, int, bytes] = ("", "", 0, b"")
@@ -153,8 +171,11 @@ class HTTPHandler(Protocol):
     def connectionMade(self) -> None:
         if self._tls:
             self._setTimer(self._ctx.timeouts.tls, "TLS handshake")
-        else:
-            self._setTimer(self._ctx.timeouts.header, "request head")
+            return
+        seconds = self._ctx.timeouts.header
+        if seconds and self.opened is not None:
+            seconds = max(seconds - (self.clock.seconds() - self.opened), 0.001)
+        self._setTimer(seconds, "request head")
 
     def handshakeCompleted(self) -> None:
         self._handshook = True
@@ -162,24 +183,29 @@ class HTTPHandler(Protocol):
 
     def _setTimer(self, seconds: float, what: str) -> None:
         self._cancelTimer()
+        self._timerWhat = what
         if seconds:
-            self._timer = self.clock.callLater(seconds, self._timedOut, what)
+            self._timer = self.clock.callLater(seconds, self._timeout, what)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timedOut(self, what: str) -> None:
+    def _timeout(self, what: str) -> None:
         self._timer = None
+        self._timedOut = what
         self._ctx.log.debug("{client}: closing, {what} timed out", client=self._client[0], what=what)
-        if self._state == "body" and self._head is not None:
+        if self._state == "body" and self._head is not None and what != CLOSING:
             self._failure(STAGE_CLIENT_TIMEOUT, f"{what} timed out")
         self._abort()
 
     def _pause(self, why: str) -> None:
         if not self._pauses and self.transport is not None:
             self.transport.pauseProducing()
+            if self._state == "body":
+                # we stopped reading the body: the client is not the slow one
+                self._cancelTimer()
         self._pauses.add(why)
 
     def _resume(self, why: str) -> None:
@@ -187,16 +213,26 @@ class HTTPHandler(Protocol):
             self._pauses.discard(why)
             if not self._pauses and self.transport is not None and not self.closed:
                 self.transport.resumeProducing()
+                if self._state == "body":
+                    self._setTimer(self._ctx.timeouts.header, "request body")
 
     def _abort(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
+        if not self._lost and not self._aborted and self.transport is not None:
+            self.closed = self._aborted = True
             self.transport.abortConnection()
 
     def _close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
+            if self._pauses:
+                # read again: a TLS close waits for the client's close_notify
+                # (and any close for its FIN), which a paused socket never sees
+                self._pauses.clear()
+                self.transport.resumeProducing()
             self.transport.loseConnection()
+            # a client that neither reads what is left nor closes must not
+            # hold the connection for ever
+            self._setTimer(self._ctx.timeouts.idle, CLOSING)
 
     def readConnectionLost(self) -> None:
         """
@@ -208,22 +244,27 @@ class HTTPHandler(Protocol):
                 self._divert.readConnectionLost()
             else:
                 self._close()
-        elif self._state == "head" and not self._buffer.strip(b"\r\n"):
+        elif self._state == "head":
+            # nothing in flight, and a partial head can no longer complete
             self._close()
         elif self._state == "body":
             self._abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._lost = True
         self._cancelTimer()
         if self._tls and not self._handshook:
             why = reason.getErrorMessage() if reason.value else "closed"
+            text = f"client aborted the TLS handshake (does it trust the proxy CA?): {why}"
+            if self._timedOut is not None:
+                text = f"client did not complete the TLS handshake in {self._ctx.timeouts.tls:g} s"
             self._ctx.observer.proxyFailed(
                 ProxyFailure(
                     client=self._client[0],
                     server=self._originAuthority(),
                     stage=STAGE_CLIENT_TLS,
-                    reason=f"client aborted the TLS handshake (does it trust the proxy CA?): {why}",
+                    reason=text,
                     time=self.clock.seconds(),
                 )
             )
@@ -261,14 +302,18 @@ class HTTPHandler(Protocol):
             while self._state == "head" and self._buffer and not self.closed:
                 if self._buffer[:1] in (b"\r", b"\n"):
                     self._buffer = self._buffer.lstrip(b"\r\n")
+                    self._scanned = 0
                     continue
-                end = findHeadEnd(self._buffer, self._ctx.limits)
+                end = findHeadEnd(self._buffer, self._ctx.limits, self._scanned)
                 if end < 0:
-                    if self._timer is None:
+                    self._scanned = len(self._buffer)
+                    if self._timer is None or self._timerWhat == IDLE:
+                        # a request has begun: its head must be complete in time
                         self._setTimer(self._ctx.timeouts.header, "request head")
                     return
                 head = parseHead(self._buffer[:end], self._ctx.limits)
                 self._buffer = self._buffer[end:]
+                self._scanned = 0
                 self._request(head)
         except HTTPError as e:
             self._refuse(e.status, e.reason)
@@ -321,7 +366,10 @@ class HTTPHandler(Protocol):
         host, port = parseAuthority(head.target)
         if head.hasBody:
             raise HTTPError(400, "CONNECT with a body")
-        decision, why = self._ctx.policy.decide(host, port)
+        local = self.transport.getHost()
+        decision, why = self._ctx.policy.decide(
+            host, port, (getattr(local, "host", ""), getattr(local, "port", 0))
+        )
         if decision is None:
             self._ctx.log.info(
                 "{client}: refused CONNECT {host}:{port}: {why}",
@@ -417,6 +465,9 @@ class HTTPHandler(Protocol):
 
     def _bodyData(self, data: bytes) -> None:
         assert self._producer is not None and self._requestTap is not None
+        if self._timer is not None and self._ctx.timeouts.header:
+            # the body's deadline is between bytes, not for the whole body
+            self._timer.reset(self._ctx.timeouts.header)
         if self._chunks is not None:
             try:
                 chunks = self._chunks.feed(data)
@@ -446,6 +497,8 @@ class HTTPHandler(Protocol):
         self._chunks = None
         if self._producer is not None:
             self._producer.finish()
+        # the upstream's backpressure no longer concerns this client
+        self._resume("upstream")
 
     def _gotResponse(self, response: IResponse) -> None:
         self._pending = None
@@ -454,6 +507,12 @@ class HTTPHandler(Protocol):
             return
         head = self._head
         assert head is not None
+        try:
+            checkRelayedResponse(response.code, response.headers.getAllRawHeaders(), self._ctx.limits)
+        except HTTPError as e:
+            response.deliverBody(_Discard())
+            self._answerFailure(502, STAGE_UPSTREAM_RESPONSE, f"bad response from upstream: {e.reason}")
+            return
         self._response = response
         keepAlive = head.keepAlive and not self._eof
         noBody = head.method == b"HEAD" or response.code in NO_BODY_STATUS or 100 <= response.code < 200
@@ -479,8 +538,19 @@ class HTTPHandler(Protocol):
         self._relay = ResponseRelay(self, chunked, self._ctx.timeouts.body)
         response.deliverBody(self._relay)
 
-    def responseBodyStalled(self) -> None:
-        self._failure(STAGE_UPSTREAM_TIMEOUT, "upstream body stalled")
+    def responseBodyStalled(self, clientStalled: bool) -> None:
+        """
+        No byte of the response body moved for --body-timeout: end the
+        response short and close (the client sees it cut). Whoever stalled
+        is named: the upstream, or a client that stopped reading.
+        """
+        if clientStalled:
+            stage, what = STAGE_CLIENT_TIMEOUT, "client stopped reading the response"
+        else:
+            stage, what = STAGE_UPSTREAM_TIMEOUT, "upstream body stalled"
+        self._ctx.log.debug("{client}: closing, {what}", client=self._client[0], what=what)
+        self._failure(stage, what)
+        self._abort()
 
     def responseRelayed(self, complete: bool, reason: Failure) -> None:
         """
@@ -552,13 +622,18 @@ class HTTPHandler(Protocol):
             self._setTimer(self._ctx.timeouts.header, "request head")
             self._process()
         else:
-            self._setTimer(self._ctx.timeouts.idle, "idle keep-alive")
+            self._setTimer(self._ctx.timeouts.idle, IDLE)
 
     def _upstreamFailed(self, reason: Failure) -> None:
         self._pending = None
         if self.closed:
             return
-        status, stage, text = classifyUpstreamFailure(reason)
+        self._answerFailure(*classifyUpstreamFailure(reason))
+
+    def _answerFailure(self, status: int, stage: str, text: str) -> None:
+        """
+        The request could not be relayed: a proxy-error, a line, the status.
+        """
         self._failure(stage, text)
         self._ctx.log.info(
             "{client}: {status} for {url}: {reason}",
@@ -589,3 +664,12 @@ class HTTPHandler(Protocol):
                 userAgent=agent.decode("latin-1") if agent is not None else None,
             )
         )
+
+
+class _Discard(Protocol):
+    """
+    Takes a response body we will not relay, and drops its connection.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()

@@ -5,14 +5,15 @@ Anything that two parsers could read two ways (Content-Length beside
 Transfer-Encoding, differing Content-Length values, whitespace before a colon,
 obs-fold, bare LF) is refused, so what the proxy forwards is exactly what it
 understood. The proxy then writes the upstream request itself from the parsed
-parts; the client's raw bytes never go upstream.
+parts; the client's raw bytes never go upstream. Upstream response heads are
+held to the same rules (L{checkResponseHead}, L{checkRelayedResponse}).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
@@ -20,6 +21,7 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _DIGITS = re.compile(rb"[0-9]{1,18}\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%]+\Z")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?\Z")
 
 HOP_BY_HOP = frozenset(
     (
@@ -81,22 +83,32 @@ class RequestHead:
         return self.chunked or bool(self.contentLength)
 
 
-def findHeadEnd(buffer: bytes, limits: Limits) -> int:
+def findHeadEnd(buffer: bytes, limits: Limits, start: int = 0) -> int:
     """
     The index just past the blank line that ends the head, or -1 while the
     head is incomplete. Raises L{HTTPError} once the head is too long to be
     allowed (414 for the request line, 431 for the header block).
+
+    C{start} is how much of C{buffer} an earlier call already searched, so a
+    client sending its head a byte at a time costs linear, not quadratic, time.
     """
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", max(0, start - 3))
+    # a bare LF would otherwise leave us waiting for a CRLF CRLF until the timeout
+    stop = end + 4 if end >= 0 else len(buffer)
+    lf = buffer.find(b"\n", start, stop)
+    while lf >= 0:
+        if lf == 0 or buffer[lf - 1] != 0x0D:
+            raise HTTPError(400, "bare LF in the head")
+        lf = buffer.find(b"\n", lf + 1, stop)
+    # the request line's end, looked for only where it may be
+    lineEnd = buffer.find(b"\r\n", 0, limits.maxRequestLine + 2)
     if end >= 0:
         if end + 4 > limits.maxHeaderSize:
-            lineEnd = buffer.find(b"\r\n")
-            if lineEnd > limits.maxRequestLine:
+            if lineEnd < 0:
                 raise HTTPError(414, "request line too long")
             raise HTTPError(431, "header block too large")
         return end + 4
-    lineEnd = buffer.find(b"\r\n")
-    if (lineEnd < 0 and len(buffer) > limits.maxRequestLine) or lineEnd > limits.maxRequestLine:
+    if lineEnd < 0 and len(buffer) - buffer.endswith(b"\r") > limits.maxRequestLine:
         raise HTTPError(414, "request line too long")
     if len(buffer) > limits.maxHeaderSize:
         raise HTTPError(431, "header block too large")
@@ -127,11 +139,20 @@ def parseHead(head: bytes, limits: Limits) -> RequestHead:
         if version.startswith(b"HTTP/") and len(version) == 8:
             raise HTTPError(505, "HTTP version not supported")
         raise HTTPError(400, "malformed HTTP version")
-    fieldLines = lines[1:]
-    if len(fieldLines) > limits.maxHeaders:
+    request = RequestHead(method, target, version, _fieldLines(lines[1:], limits))
+    _framing(request)
+    return request
+
+
+def _fieldLines(lines: List[bytes], limits: Limits) -> List[Tuple[bytes, bytes]]:
+    """
+    The (name, value) pairs of a head's field lines, strictly: a token, the
+    colon right after it, a value without control characters, no obs-fold.
+    """
+    if len(lines) > limits.maxHeaders:
         raise HTTPError(431, "too many header fields")
     headers: List[Tuple[bytes, bytes]] = []
-    for line in fieldLines:
+    for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise HTTPError(400, "obsolete line folding")
         name, colon, value = line.partition(b":")
@@ -143,9 +164,7 @@ def parseHead(head: bytes, limits: Limits) -> RequestHead:
         if not _FIELD_VALUE.match(value):
             raise HTTPError(400, "control character in a header value")
         headers.append((name, value))
-    request = RequestHead(method, target, version, headers)
-    _framing(request)
-    return request
+    return headers
 
 
 def _commaList(values: List[bytes]) -> List[bytes]:
@@ -175,17 +194,86 @@ def _framing(request: RequestHead) -> None:
             raise HTTPError(400, "both Content-Length and Transfer-Encoding")
         if request.version != b"HTTP/1.1":
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if [c.lower() for c in _commaList(codings)] != [b"chunked"]:
-            raise HTTPError(400, "unsupported Transfer-Encoding")
+        _onlyChunked(codings)
         request.chunked = True
     elif lengths:
-        values = set(_commaList(lengths)) if all(lengths) else {b""}
-        if len(values) != 1:
-            raise HTTPError(400, "conflicting Content-Length values")
-        (value,) = values
-        if not _DIGITS.match(value):
-            raise HTTPError(400, "malformed Content-Length")
-        request.contentLength = int(value)
+        request.contentLength = _contentLength(lengths)
+
+
+def _onlyChunked(codings: List[bytes]) -> None:
+    if [c.lower() for c in _commaList(codings)] != [b"chunked"]:
+        raise HTTPError(400, "unsupported Transfer-Encoding")
+
+
+def _contentLength(lengths: List[bytes]) -> int:
+    """
+    The one length several Content-Length values agree on (RFC 9110 8.6).
+    """
+    values = set(_commaList(lengths)) if all(lengths) else {b""}
+    if len(values) != 1:
+        raise HTTPError(400, "conflicting Content-Length values")
+    (value,) = values
+    if not _DIGITS.match(value):
+        raise HTTPError(400, "malformed Content-Length")
+    return int(value)
+
+
+def checkResponseHead(head: bytes, limits: Limits) -> int:
+    """
+    Check an upstream's response head (ending in CRLF CRLF) with the same
+    strictness as a request head, and return its status code. Twisted's
+    client parser alone would accept bare LF, whitespace before a colon,
+    obs-fold, and Content-Length beside Transfer-Encoding. Raises
+    L{HTTPError} (the proxy answers 502).
+    """
+    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        raise HTTPError(502, "bare CR or LF in the response head")
+    lines = head[:-4].split(b"\r\n")
+    match = _STATUS_LINE.match(lines[0])
+    if match is None:
+        raise HTTPError(502, "malformed status line")
+    status = int(match.group(1))
+    if not 100 <= status <= 599:
+        raise HTTPError(502, "status code out of range")
+    try:
+        headers = _fieldLines(lines[1:], limits)
+        lengths = [v for n, v in headers if n.lower() == b"content-length"]
+        codings = [v for n, v in headers if n.lower() == b"transfer-encoding"]
+        if codings:
+            if lengths:
+                raise HTTPError(502, "both Content-Length and Transfer-Encoding")
+            _onlyChunked(codings)
+        elif lengths:
+            _contentLength(lengths)
+    except HTTPError as e:
+        raise HTTPError(502, f"response: {e.reason}")
+    return status
+
+
+def checkRelayedResponse(
+    code: int, headers: Iterable[Tuple[bytes, Sequence[bytes]]], limits: Limits
+) -> None:
+    """
+    Check what the proxy is about to write to the client from a parsed
+    upstream response: a real status code, token header names (whitespace
+    before a colon ends up in Twisted's header name), values without control
+    characters, and the header limits. Raises L{HTTPError} (502).
+    """
+    if not 100 <= code <= 599:
+        raise HTTPError(502, "status code out of range")
+    count = size = 0
+    for name, values in headers:
+        if not _TOKEN.match(name):
+            raise HTTPError(502, "malformed header name")
+        for value in values:
+            if not _FIELD_VALUE.match(value):
+                raise HTTPError(502, "control character in a header value")
+            count += 1
+            size += len(name) + len(value) + 4
+    if count > limits.maxHeaders:
+        raise HTTPError(502, "too many header fields")
+    if size > limits.maxHeaderSize:
+        raise HTTPError(502, "header block too large")
 
 
 def parseAuthority(authority: bytes, defaultPort: Optional[int] = None) -> Tuple[str, int]:
@@ -224,7 +312,10 @@ def parseAuthority(authority: bytes, defaultPort: Optional[int] = None) -> Tuple
         raise HTTPError(400, "CONNECT target needs host:port")
     if not 1 <= port <= 65535:
         raise HTTPError(400, "port out of range")
-    return host.lower().rstrip("."), port
+    host = host.lower().rstrip(".")
+    if not host:
+        raise HTTPError(400, "malformed host")
+    return host, port
 
 
 def splitAbsolute(target: bytes) -> Tuple[str, str, int, bytes]:

@@ -84,22 +84,45 @@ class ConnectPolicy:
     def _norm(host: str) -> str:
         host = host.strip("[]").lower().rstrip(".")
         try:
-            return str(ipaddress.ip_address(host))
+            address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             return host
+        mapped = getattr(address, "ipv4_mapped", None)
+        return str(mapped or address)
+
+    def _isOwn(self, host: str, port: int, local: Optional[Tuple[str, int]]) -> bool:
+        """
+        Whether host:port is this proxy's listener: a configured own address,
+        or the address the client reached us on, or (on that port) a name for
+        this machine: localhost, a loopback or unspecified address.
+        """
+        if (host, port) in self._own:
+            return True
+        if local is None or port != local[1]:
+            return False
+        if host == self._norm(local[0]) or host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_unspecified
 
     def intercepts(self, host: str, port: int) -> bool:
         host = self._norm(host)
         return self._all or (host, None) in self._hosts or (host, port) in self._hosts
 
-    def decide(self, host: str, port: int) -> Tuple[Optional[str], str]:
+    def decide(
+        self, host: str, port: int, local: Optional[Tuple[str, int]] = None
+    ) -> Tuple[Optional[str], str]:
         """
         (INTERCEPT | TUNNEL | LOCAL | None, reason); None means refuse with 403.
+        C{local} is the (address, port) the client connected to.
         """
         norm = self._norm(host)
         if norm == LOCAL_HOST:
             return LOCAL, "the proxy itself"
-        if (norm, port) in self._own:
+        if self._isOwn(norm, port, local):
             return None, "CONNECT to the proxy's own address (a loop)"
         if self.intercepts(norm, port):
             return INTERCEPT, "ACME server"

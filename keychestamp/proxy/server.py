@@ -145,11 +145,15 @@ class ProxyConnection(Protocol):
         except Exception:
             pass
         self._handler = HTTPHandler(self._ctx, self._client)
+        self._handler.opened = self._ctx.reactor.seconds()
         self._firstBytes = None
         if self._ctx.timeouts.header:
-            self._firstBytes = self._ctx.reactor.callLater(
-                self._ctx.timeouts.header, self.transport.abortConnection
-            )
+            self._firstBytes = self._ctx.reactor.callLater(self._ctx.timeouts.header, self._silent)
+
+    def _silent(self) -> None:
+        self._firstBytes = None
+        self._ctx.log.debug("{client}: closing, sent nothing in time", client=self._client[0])
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._sink is not None:

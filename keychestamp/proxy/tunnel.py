@@ -6,7 +6,7 @@ backpressure and half-close, and an idle timeout.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from keychestamp.exchange import STAGE_UPSTREAM_CONNECT, STAGE_UPSTREAM_TIMEOUT, ProxyFailure
+from keychestamp.proxy.policy import clientAddress
 
 if TYPE_CHECKING:
     from keychestamp.proxy.http import HTTPHandler
@@ -100,6 +101,17 @@ class Tunnel(Protocol):
         if self._closed:
             upstream.transport.abortConnection()
             return
+        if _address(upstream.transport.getPeer()) == _address(self._handler.transport.getHost()):
+            # a name that resolved to the very address the client reached us on
+            upstream.transport.abortConnection()
+            self._ctx.log.info(
+                "{client}: refused CONNECT {host}:{port}: the proxy's own address (a loop)",
+                client=self._handler._client[0], host=self._host, port=self._port,
+            )
+            self._handler.tunnelFailed(
+                403, f"CONNECT {self._host}:{self._port} refused: the proxy's own address (a loop)"
+            )
+            return
         self._upstream = upstream
         client = self._handler.transport
         client.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -160,10 +172,14 @@ class Tunnel(Protocol):
             client.loseConnection()
 
     def upstreamLost(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        # the idle timer keeps running: a client that does not read what is
+        # left is dropped when it fires
         if not self._closed:
             self._handler.transport.loseConnection()
+
+
+def _address(address: object) -> Tuple[str, int]:
+    return clientAddress(getattr(address, "host", "")), getattr(address, "port", 0)
 
 
 class TunnelOpener:
