@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, _StandardEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from keychestamp.proxy.relay import StrictClientFactory
@@ -131,6 +131,30 @@ class StrictPool(QuietPool):
     _factory = StrictClientFactory
 
 
+@implementer(IAgentEndpointFactory)
+class CachingEndpointFactory:
+    """
+    Agent builds a HostnameEndpoint (an IDNA encoding, a TLS creator lookup)
+    for every request, even one that goes out on a pooled connection; this
+    keeps one endpoint per upstream instead.
+    """
+
+    def __init__(self, reactor: object, policy: IPolicyForHTTPS, connectTimeout: float, cacheSize: int = 256) -> None:
+        self._standard = _StandardEndpointFactory(reactor, policy, connectTimeout or None, None)
+        self._cache: "OrderedDict[tuple, object]" = OrderedDict()
+        self._cacheSize = cacheSize
+
+    def endpointForURI(self, uri: object) -> object:
+        key = (uri.scheme, uri.host, uri.port)  # type: ignore[attr-defined]
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = self._standard.endpointForURI(uri)
+            self._cache[key] = endpoint
+            if len(self._cache) > self._cacheSize:
+                self._cache.popitem(last=False)
+        return endpoint
+
+
 class UpstreamClient:
     """
     The Agent and pool the proxy forwards through; close() drops cached
@@ -153,11 +177,8 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = maxPersistentPerHost
         self.pool.cachedConnectionTimeout = 120
         root = trustRoot(certificates if certificates is not None else trustedCertificates(extraBundle))
-        self.agent = Agent(
-            reactor,
-            contextFactory=VerifyingPolicy(root),
-            connectTimeout=connectTimeout,
-            pool=self.pool,
+        self.agent = Agent.usingEndpointFactory(
+            reactor, CachingEndpointFactory(reactor, VerifyingPolicy(root), connectTimeout), self.pool
         )
 
     def close(self):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Generic, Mapping, Optional, TypeVar
+from typing import Tuple, Any, Dict, Generic, Mapping, Optional, TypeVar
 
 from .message import splitURL
 
@@ -106,6 +106,10 @@ class _OriginMemory:
         self.endpoints: LRU[str, str] = LRU(maxEndpoints)
         self.prefixes: LRU[str, str] = LRU(maxEndpoints)
         self.objects: LRU[str, Known] = LRU(maxObjects)
+        #: the directories learned here, as (url, endpoint members): clients
+        #: fetch the directory on every run, and an unchanged one needs no
+        #: second parse of its URLs
+        self.learned: LRU[str, Tuple[str, ...]] = LRU(maxEndpoints)
 
     def lookup(self, path: str) -> Optional[Known]:
         kind = self.endpoints.get(path)
@@ -150,8 +154,14 @@ class AcmeKnowledge:
         each endpoint it names (under the endpoint's own origin).
         """
         here = splitURL(url)
+        members = tuple(repr(directory.get(member)) for member in DIRECTORY_ENDPOINTS)
+        home = None
         if here is not None:
-            self._memory(here[0], True).endpoints.set(here[1], "directory")  # type: ignore[union-attr]
+            home = self._memory(here[0], True)
+            assert home is not None
+            if home.learned.get(here[1]) == members and here[1] in home.endpoints:
+                return
+            home.endpoints.set(here[1], "directory")
         for member, kind in DIRECTORY_ENDPOINTS.items():
             where = splitURL(directory.get(member), url)
             if where is None:
@@ -164,6 +174,8 @@ class AcmeKnowledge:
                     memory.prefixes.set(prefix, kind)
             else:
                 memory.endpoints.set(where[1], kind)
+        if home is not None and here is not None:
+            home.learned.set(here[1], members)
 
     def learn(self, url: Any, kind: str, account: str = "", base: Optional[str] = None) -> None:
         """

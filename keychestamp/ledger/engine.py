@@ -211,6 +211,14 @@ class LedgerEngine:
             code if isinstance(code, int) else 0, t,
         )
         handler = getattr(self, "_on_" + msg.replace("-", "_"), None)
+        if (
+            msg == "directory"
+            and ctx.problem is None
+            and self._directories.get(ctx.server) == ctx.path
+        ):
+            # a directory already known (clients fetch it on every run):
+            # nothing to write, so no transaction on this hot path
+            handler = None
         if handler is None and ctx.problem is None:
             # nonces, challenges, ...: nothing to count, and no need to run
             # the timers early (the live timer or the next event does)
