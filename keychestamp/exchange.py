@@ -8,7 +8,7 @@ L{IExchangeObserver}. The ACME classifier is one such observer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks

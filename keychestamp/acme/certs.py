@@ -6,7 +6,7 @@ names and issuer, read from the PEM chain the ACME server returned.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from cryptography import x509
 
@@ -30,6 +30,19 @@ def formatTime(when: datetime) -> str:
     if when.tzinfo is not None:
         when = when.astimezone(timezone.utc)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parseTime(text: Any) -> Optional[float]:
+    """
+    The inverse of L{formatTime} for a cert event's not_before/not_after:
+    POSIX seconds, or None for anything else.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
 
 
 def _emptyDescription() -> Dict[str, Any]:

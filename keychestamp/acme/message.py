@@ -52,6 +52,9 @@ def originOf(scheme: str, host: str, port: Optional[int]) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+_SIMPLE_URL = re.compile(r"(https?)://([a-z0-9.-]+)(?::([0-9]{1,5}))?(/[^#\s\\]*)?\Z", re.IGNORECASE)
+
+
 def splitURL(url: Any, base: Optional[str] = None) -> Optional[Tuple[str, str]]:
     """
     (origin, path with query) of an absolute URL, or of a relative one
@@ -59,6 +62,11 @@ def splitURL(url: Any, base: Optional[str] = None) -> Optional[Tuple[str, str]]:
     """
     if not isinstance(url, str) or not url:
         return None
+    simple = _SIMPLE_URL.match(url)
+    if simple is not None and (simple.group(3) is None or int(simple.group(3)) <= 65535):
+        # the common case (absolute, a plain host): no urllib on the hot path
+        scheme, host, port, path = simple.groups()
+        return originOf(scheme, host, int(port) if port else None), path or "/"
     try:
         if base is not None:
             url = urljoin(base, url)

@@ -12,9 +12,7 @@ file is the record, this is the dashboard.
 
 from __future__ import annotations
 
-import calendar
 import json
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -24,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from keychestamp.acme.certs import parseTime
 from keychestamp.events import Event, IEventSink
 
 #: Caps on what is kept.
@@ -83,18 +82,6 @@ def product(agent: str) -> str:
     """
     token = agent.strip().split(None, 1)[0] if agent.strip() else ""
     return clip(token.split("/", 1)[0], 60)
-
-
-def parseNotAfter(text: Any) -> Optional[float]:
-    """
-    A cert event's C{not_after} (C{YYYY-MM-DDTHH:MM:SSZ}) as POSIX seconds.
-    """
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -360,7 +347,7 @@ class AdminStats:
         )
 
     def _recordCert(self, o: Observation, params: Dict[str, Any], address: str, now: float) -> None:
-        notAfter = parseNotAfter(params.get("not_after"))
+        notAfter = parseTime(params.get("not_after"))
         names = params.get("names")
         if notAfter is None or not isinstance(names, list) or not names:
             return

@@ -30,10 +30,12 @@ def normalise(value: str) -> str:
     dot, A-labels (an IDN written in Unicode is converted), IPs canonical.
     """
     value = value.strip().rstrip(".").lower()
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
+    if ":" in value or value.replace(".", "").isdigit():
+        # only what could be an address pays for the (raising) parse
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
     if not value.isascii():
         try:
             value = ".".join(

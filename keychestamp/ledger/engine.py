@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from keychestamp.acme.certs import parseTime
 from keychestamp.events import formatTime
 from keychestamp.ledger.buckets import Bucket, Limit, emptyAt, spend, threshold, usedCount, whenBelow
 from keychestamp.ledger.domains import Domains, identifierSet, identifierValue, setFromKey, setKey
@@ -93,15 +94,6 @@ def eventTime(event: Mapping[str, Any]) -> Optional[float]:
         except ValueError:
             return None
     return None
-
-
-def _parseCertTime(text: Any) -> Optional[float]:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
 
 
 def _str(value: Any) -> str:
@@ -351,8 +343,8 @@ class LedgerEngine:
             self._fact("failure", ctx, account, (identifier,) if identifier else (), error, streak=False)
 
     def _on_cert(self, ctx: _Context) -> None:
-        notAfter = _parseCertTime(ctx.params.get("not_after"))
-        notBefore = _parseCertTime(ctx.params.get("not_before"))
+        notAfter = parseTime(ctx.params.get("not_after"))
+        notBefore = parseTime(ctx.params.get("not_before"))
         ids = identifierSet(ctx.params.get("names"))
         serial = _str(ctx.params.get("serial"))
         if ctx.code != 200 or notAfter is None or not ids or not serial:

@@ -45,7 +45,7 @@ from keychestamp.proxy.http11 import (
     parseHead,
     splitAbsolute,
 )
-from keychestamp.proxy.policy import INTERCEPT, LOCAL, LOCAL_HOST, TUNNEL
+from keychestamp.proxy.policy import LOCAL_HOST, TUNNEL
 from keychestamp.proxy.tunnel import Tunnel
 from keychestamp.proxy.relay import (
     BodyTap,
