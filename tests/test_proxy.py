@@ -16,10 +16,12 @@ from typing import Dict, Optional, Sequence
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from keychestamp.exchange import STAGE_CLIENT_TLS, STAGE_UPSTREAM_TIMEOUT, STAGE_UPSTREAM_TLS
 from tests.support import ProxyFixture, Recorder, TestCA
@@ -441,6 +443,66 @@ class TunnelTests(TestCase):
         fx = yield ProxyFixture(self, intercept=False).start()
         answer = yield raw(fx.proxyPort, f"CONNECT localhost:{fx.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+
+
+@implementer(IHalfCloseableProtocol)
+class _EchoUntilEOF(Protocol):
+    """
+    A plain TCP upstream: echoes, and on the client's EOF (half-close) writes
+    a last line and closes its side.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"echo:" + data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"|saw EOF")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class TunnelHalfCloseTests(TestCase):
+    """
+    Half-close crosses a tunnel in both directions.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_halfClose(self):
+        """
+        The client shuts down its sending side after a request; the upstream
+        sees EOF, still answers, and the client reads that answer to the end.
+        """
+        port = reactor.listenTCP(0, Factory.forProtocol(_EchoUntilEOF), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        upstreamPort = port.getHost().port
+        fx = yield ProxyFixture(self, ["--connect-port", str(upstreamPort)], intercept=False).start()
+        script = f"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", {fx.proxyPort}), timeout=20)
+s.sendall(b"CONNECT 127.0.0.1:{upstreamPort} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    head += s.recv(1)
+assert head.startswith(b"HTTP/1.1 200"), head
+s.sendall(b"hello")
+rest = b""
+while b"echo:hello" not in rest:
+    rest += s.recv(100)
+s.shutdown(socket.SHUT_WR)
+while True:
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    rest += chunk
+sys.stdout.write(rest.decode())
+"""
+        out, err, code = yield run(sys.executable, ["-c", script])
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"echo:hello|saw EOF")
 
 
 class IPv6Tests(TestCase):
