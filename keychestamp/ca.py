@@ -200,16 +200,20 @@ class CertificateAuthority:
 
     # -- leaves ---------------------------------------------------------
 
-    def leafFor(self, name: str) -> LeafPair:
+    def leafFor(self, name: str, persist: bool = True) -> LeafPair:
         """
         A certificate for C{name} (a DNS name or an IP address) and its key.
+
+        @param persist: keep it on disk too. Names a client chooses freely
+            (the SNI of a TLS connection to the proxy itself) stay in the
+            bounded memory cache only, so a client cannot fill the disk.
         """
         name = name.strip("[]").lower().rstrip(".")
         pair = self._cache.get(name)
         if pair is not None and self._fresh(pair[0]):
             self._cache.move_to_end(name)
             return pair
-        pair = self._loadLeaf(name) or self._mintLeaf(name)
+        pair = (self._loadLeaf(name) if persist else None) or self._mintLeaf(name, persist)
         self._cache[name] = pair
         if len(self._cache) > self._cacheSize:
             self._cache.popitem(last=False)
@@ -236,7 +240,7 @@ class CertificateAuthority:
             return None
         return cert, self.leafKey
 
-    def _mintLeaf(self, name: str) -> LeafPair:
+    def _mintLeaf(self, name: str, persist: bool = True) -> LeafPair:
         now = self._now()
         ip = _isIP(name)
         san: x509.GeneralName = x509.IPAddress(ip) if ip else x509.DNSName(name)
@@ -275,10 +279,11 @@ class CertificateAuthority:
             )
             .sign(self.rootKey, hashes.SHA256())
         )
-        try:
-            _writeFile(self._leafPath(name), cert.public_bytes(serialization.Encoding.PEM), 0o644, sync=False)
-        except OSError as e:
-            self.log.warn("cannot cache the leaf for {name} on disk: {error}", name=name, error=e)
+        if persist:
+            try:
+                _writeFile(self._leafPath(name), cert.public_bytes(serialization.Encoding.PEM), 0o644, sync=False)
+            except OSError as e:
+                self.log.warn("cannot cache the leaf for {name} on disk: {error}", name=name, error=e)
         return cert, self.leafKey
 
 
@@ -338,7 +343,7 @@ def sniContext(ca: CertificateAuthority) -> SSL.Context:
             try:
                 # SNI carries A-labels; the "idna" codec would turn them into
                 # U-labels, which a DNSName SAN refuses.
-                cert, key = ca.leafFor(raw.decode("ascii"))
+                cert, key = ca.leafFor(raw.decode("ascii"), persist=False)
             except Exception:
                 log.failure("no leaf for SNI name {name!r}", name=raw)
                 return

@@ -111,7 +111,8 @@ def prepareWorkDir(path: FilePath) -> Dict[str, Any]:
 def parseHeader(value: str) -> Tuple[str, str]:
     name, sep, rest = value.partition(":")
     name = name.strip()
-    if not sep or not name or any(c in name for c in " \t\r\n") or "\n" in rest or "\r" in rest:
+    control = any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in rest)
+    if not sep or not name or any(c in name for c in " \t\r\n") or control:
         raise usage.UsageError(f"--api-header wants 'Name: value', not {value!r}")
     return name, rest.strip()
 
@@ -160,14 +161,36 @@ def _readable(path: str, option: str) -> str:
     return path
 
 
+def _pemBundle(path: str, option: str) -> None:
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            if not x509.load_pem_x509_certificates(f.read()):
+                raise ValueError("no certificate")
+    except ValueError as e:
+        raise usage.UsageError(f"{option}: {path} is not a PEM certificate bundle ({e})")
+
+
+def _httpURL(value: str, option: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError as e:
+        raise usage.UsageError(f"{option}: {value!r} is not a URL ({e})")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage.UsageError(f"{option}: {value!r} is not an http(s) URL")
+
+
 def _appendable(path: str, option: str) -> None:
     """
     Fail now, before anything listens, if the audit file cannot be written.
     """
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "ab"):
-            pass
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
     except OSError as e:
         raise usage.UsageError(f"{option}: cannot write {path}: {e.strerror or e}")
 
@@ -285,6 +308,8 @@ class Options(usage.Options):
             self["allow"] = [ipaddress.ip_network(n) for n in DEFAULT_ALLOW]
         if self["upstream-ca"]:
             _readable(self["upstream-ca"], "--upstream-ca")
+            _pemBundle(self["upstream-ca"], "--upstream-ca")
+        _httpURL(self["api-url"], "--api-url")
         if self["limits"]:
             _readable(self["limits"], "--limits")
         from keychestamp.ledger.limits import LimitsError, loadLimits

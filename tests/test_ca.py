@@ -390,6 +390,18 @@ class LeafTests(SynchronousTestCase):
         again = CertificateAuthority(FilePath(self.ca._dir.path), now=self.now)
         self.assertEqual({n: again.leafFor(n)[0].serial_number for n in names}, before)
 
+    def test_unpersistedLeafStaysInMemory(self) -> None:
+        """
+        persist=False (names a client picks: SNI) writes nothing to disk, and
+        a new CertificateAuthority does not know the leaf.
+        """
+        before = sorted(os.listdir(self.ca._leafDir.path))
+        cert, _ = self.ca.leafFor("sni-chosen.example", persist=False)
+        self.assertEqual(sorted(os.listdir(self.ca._leafDir.path)), before)
+        self.assertIs(self.ca.leafFor("sni-chosen.example", persist=False)[0], cert)
+        again = CertificateAuthority(FilePath(self.ca._dir.path), now=self.now)
+        self.assertNotEqual(again.leafFor("sni-chosen.example", persist=False)[0].serial_number, cert.serial_number)
+
     def test_freshLeafKept(self) -> None:
         """
         A leaf far from expiry is kept as time passes.

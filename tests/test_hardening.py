@@ -331,12 +331,16 @@ def startProxy(testCase: TestCase, args: Sequence[str] = (), intercept: bool = T
     A ProxyFixture that also intercepts localhost on every port (for the
     scripted upstreams) and answers plain HTTP on a loopback Recorder.
     """
-    fx = ProxyFixture(testCase, ["--intercept", "localhost", *args], intercept=intercept)
-    yield fx.start()
-    fx.plain = Recorder()
-    plain = reactor.listenTCP(0, Site(fx.plain), interface="127.0.0.1")
+    recorder = Recorder()
+    plain = reactor.listenTCP(0, Site(recorder), interface="127.0.0.1")
     testCase.addCleanup(plain.stopListening)
-    fx.plainPort = plain.getHost().port
+    plainPort = plain.getHost().port
+    fx = ProxyFixture(
+        testCase, ["--intercept", "localhost", "--connect-port", str(plainPort), *args], intercept=intercept
+    )
+    yield fx.start()
+    fx.plain = recorder
+    fx.plainPort = plainPort
     return fx
 
 

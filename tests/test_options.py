@@ -165,7 +165,9 @@ class FlagTests(OptionsCase):
         The long spellings, including the repeatable ones, in order.
         """
         bundle = FilePath(self.mktemp())
-        bundle.setContent(b"-----BEGIN CERTIFICATE-----\n")
+        from tests.support import TestCA
+
+        bundle.setContent(TestCA().pem)
         audit = FilePath(self.mktemp())
         o = Options(environ={}, stdout=self.stdout)
         o.parseOptions(
@@ -306,6 +308,28 @@ class BadValueTests(OptionsCase):
     """
     Each bad value: one clear line on stderr and a non-zero exit.
     """
+
+    def test_upstreamCANotPEM(self) -> None:
+        """
+        --upstream-ca naming a readable file that holds no certificate is
+        refused.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate\n")
+        self.assertOneLineError("--upstream-ca", path, mentions="--upstream-ca")
+
+    def test_apiURLNotHTTP(self) -> None:
+        """
+        --api-url must be an http(s) URL with a host.
+        """
+        self.assertOneLineError("--api-url", "ftp://x/", mentions="--api-url")
+
+    def test_apiHeaderControlCharacter(self) -> None:
+        """
+        --api-header values with control characters are refused.
+        """
+        self.assertOneLineError("--api-header", "X: a\x01b", mentions="--api-header")
 
     def test_portZero(self) -> None:
         """

@@ -329,11 +329,71 @@ sys.stdout.write("%d %s" % (r.status, r.data.decode()))
         resource = Recorder()
         port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        out, err, code = yield curl("-x", self.proxyURL(), f"http://127.0.0.1:{port.getHost().port}/directory")
+        plain = port.getHost().port
+        fx = yield ProxyFixture(self, ["--connect-port", str(plain)]).start()
+        out, err, code = yield curl("-x", f"http://127.0.0.1:{fx.proxyPort}", f"http://127.0.0.1:{plain}/directory")
         self.assertEqual(code, 0, err)
         self.assertEqual(out, b'{"newNonce": "https://localhost/acme/new-nonce"}')
         self.assertEqual(resource.requests[0]["path"], b"/directory")
-        self.assertEqual(self.fx.observer.exchanges[0].scheme, "http")
+        self.assertEqual(fx.observer.exchanges[0].scheme, "http")
+
+    @inlineCallbacks
+    def test_absoluteFormPolicy(self):
+        """
+        Absolute-form requests obey the CONNECT rules: a port that is neither
+        80 nor --connect-port (here a loopback service) is refused with 403 and
+        nothing reaches it; so is the proxy's own port.
+        """
+        resource = Recorder()
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for target in (f"http://127.0.0.1:{port.getHost().port}/x", f"http://127.0.0.1:{self.fx.proxyPort}/x"):
+            out, err, code = yield curl("-i", "-x", self.proxyURL(), target)
+            self.assertEqual(code, 0, err)
+            self.assertTrue(out.startswith(b"HTTP/1.1 403 "), out)
+        self.assertEqual(resource.requests, [])
+
+    @inlineCallbacks
+    def test_plainHTTPInsideTLS(self):
+        """
+        An http:// absolute URL inside an intercepted TLS stream is refused
+        (400), never sent upstream unencrypted.
+        """
+        script = f"""
+import socket, ssl, sys
+s = socket.create_connection(("127.0.0.1", {self.fx.proxyPort}), timeout=20)
+s.sendall(b"CONNECT localhost:{self.fx.port} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    head += s.recv(1)
+t = ssl.create_default_context(cafile={self.fx.rootFile!r}).wrap_socket(s, server_hostname="localhost")
+t.sendall(b"GET http://localhost:{self.fx.port}/directory HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n")
+data = b""
+while True:
+    chunk = t.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+"""
+        out, err, code = yield run(sys.executable, ["-c", script])
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+        self.assertEqual(self.fx.resource.requests, [])
+
+    @inlineCallbacks
+    def test_localAnswersOnePerConnection(self):
+        """
+        The proxy's own answers close the connection: 300 pipelined bundle
+        requests get one answer, not 300 (no pile of unread answers, no deep
+        recursion); HEAD gets headers only, even for a 404.
+        """
+        pipelined = b"GET http://amp.keychest.net/bundle.pem HTTP/1.1\r\nHost: x\r\n\r\n" * 300
+        answer = yield raw(self.fx.proxyPort, pipelined)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 1)
+        answer = yield raw(self.fx.proxyPort, b"HEAD http://amp.keychest.net/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n"), answer)
 
 
 class FailureTests(TestCase):
@@ -560,3 +620,47 @@ class IPv6Tests(TestCase):
             out, err, code = yield curl("-x", proxy, "http://amp.keychest.net/")
             self.assertEqual(code, 0, err)
             self.assertEqual(out, options["authority"].rootPEM)
+
+
+class TunnelPauseTests(TestCase):
+    """
+    A tunnel reads nothing more from its client until its upstream is
+    connected, so early bytes wait in the socket, not in memory.
+    """
+
+    def test_pausedUntilConnected(self):
+        """
+        start() pauses the client; upstreamConnected() writes the early bytes
+        upstream and resumes it.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from keychestamp.proxy.server import Timeouts
+        from keychestamp.proxy.tunnel import Tunnel, TunnelUpstream
+
+        calls = []
+
+        class Handler:
+            _client = ("127.0.0.1", 1)
+            transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8443))
+
+            def pauseReading(self, why):
+                calls.append(("pause", why))
+
+            def resumeReading(self, why):
+                calls.append(("resume", why))
+
+        class Context:
+            reactor = MemoryReactorClock()
+            timeouts = Timeouts(tunnel=0)
+
+        handler = Handler()
+        tunnel = Tunnel(Context(), handler, "example.net", 443, b"early")
+        tunnel.start()
+        self.assertEqual(calls, [("pause", "tunnel")])
+        upstream = TunnelUpstream(tunnel)
+        upstream.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 443)))
+        self.assertEqual(calls, [("pause", "tunnel"), ("resume", "tunnel")])
+        self.assertEqual(upstream.transport.value(), b"early")
+        self.assertTrue(handler.transport.value().startswith(b"HTTP/1.1 200 "))

@@ -68,9 +68,12 @@ def _phrase(status: int) -> bytes:
     return RESPONSES.get(status, b"Unknown")
 
 
-def simpleResponse(status: int, text: str, extra: Tuple[Tuple[bytes, bytes], ...] = (), close: bool = True) -> bytes:
+def simpleResponse(
+    status: int, text: str, extra: Tuple[Tuple[bytes, bytes], ...] = (), close: bool = True, noBody: bool = False
+) -> bytes:
     """
-    A complete short response the proxy writes itself (errors, local answers).
+    A complete short response the proxy writes itself (errors, local answers);
+    C{noBody} for an answer to HEAD (the length is still the body's).
     """
     body = text.encode("utf-8")
     head = [b"HTTP/1.1 %d %s" % (status, _phrase(status))]
@@ -81,7 +84,7 @@ def simpleResponse(status: int, text: str, extra: Tuple[Tuple[bytes, bytes], ...
     head.append(b"Content-Length: %d" % len(body))
     if close:
         head.append(b"Connection: close")
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    return b"\r\n".join(head) + b"\r\n\r\n" + (b"" if noBody else body)
 
 
 def authorityOf(scheme: str, host: str, port: int) -> str:
@@ -199,6 +202,16 @@ class HTTPHandler(Protocol):
         if self._state == "body" and self._head is not None and what != CLOSING:
             self._failure(STAGE_CLIENT_TIMEOUT, f"{what} timed out")
         self._abort()
+
+    def pauseReading(self, why: str) -> None:
+        """
+        Stop reading from the client until L{resumeReading} with the same
+        reason (the tunnel, while its upstream is not connected yet).
+        """
+        self._pause(why)
+
+    def resumeReading(self, why: str) -> None:
+        self._resume(why)
 
     def _pause(self, why: str) -> None:
         if not self._pauses and self.transport is not None:
@@ -344,6 +357,12 @@ class HTTPHandler(Protocol):
                 self._connect(head)
                 return
             scheme, host, port, path = splitAbsolute(head.target)
+            local = self.transport.getHost()
+            decision, why = self._ctx.policy.decidePlain(
+                host, port, (getattr(local, "host", ""), getattr(local, "port", 0))
+            )
+            if decision is None:
+                raise HTTPError(403, f"{scheme}://{authorityOf(scheme, host, port)} refused: {why}")
         else:
             if head.method == b"CONNECT":
                 raise HTTPError(400, "CONNECT inside an intercepted stream")
@@ -352,8 +371,9 @@ class HTTPHandler(Protocol):
                 path = head.target
             else:
                 scheme, host, port, path = splitAbsolute(head.target)
-                if (host, port) != self._origin[1:]:
-                    raise HTTPError(400, "absolute URL for another host on an intercepted stream")
+                if (scheme, host, port) != self._origin:
+                    # another host, or http:// inside TLS: never out unencrypted
+                    raise HTTPError(400, "absolute URL for another origin on an intercepted stream")
         self._target = (scheme, host, port, path)
         if host == LOCAL_HOST:
             self._local(head, path)
@@ -403,27 +423,29 @@ class HTTPHandler(Protocol):
         if head.hasBody:
             raise HTTPError(400, "no body expected")
         path = path.split(b"?", 1)[0]
+        noBody = head.method == b"HEAD"
         if head.method not in (b"GET", b"HEAD"):
-            response = simpleResponse(405, "GET only\n", ((b"Allow", b"GET, HEAD"),), close=not head.keepAlive)
+            response = simpleResponse(405, "GET only\n", ((b"Allow", b"GET, HEAD"),))
         elif path in (b"/", b"/ca.crt", b"/ca.pem"):
-            response = self._pem(self._ctx.ca.rootPEM, b"application/x-x509-ca-cert", head)
+            response = self._pem(self._ctx.ca.rootPEM, b"application/x-x509-ca-cert", noBody)
         elif path == b"/bundle.pem":
-            response = self._pem(self._ctx.bundlePEM(), b"application/x-pem-file", head)
+            response = self._pem(self._ctx.bundlePEM(), b"application/x-pem-file", noBody)
         else:
-            response = simpleResponse(404, "not found\n", close=not head.keepAlive)
+            response = simpleResponse(404, "not found\n", noBody=noBody)
+        # One answer per connection: a client pipelining requests for the
+        # bundle cannot pile up answers it never reads (nor recurse here).
         self.transport.write(response)
-        self._requestDone(head.keepAlive)
+        self._requestDone(False)
 
-    def _pem(self, body: bytes, contentType: bytes, head: RequestHead) -> bytes:
+    def _pem(self, body: bytes, contentType: bytes, noBody: bool) -> bytes:
         lines = [
             b"HTTP/1.1 200 OK",
             b"Content-Type: " + contentType,
             b"Content-Length: %d" % len(body),
             b"Cache-Control: no-store",
+            b"Connection: close",
         ]
-        if not head.keepAlive:
-            lines.append(b"Connection: close")
-        return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head.method == b"HEAD" else body)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if noBody else body)
 
     # -- forwarding --------------------------------------------------------
 

@@ -78,6 +78,7 @@ class ConnectPolicy:
         self._hosts: Set[Tuple[str, Optional[int]]] = {(h, None) for h in defaults}
         self._hosts.update((h.lower(), p) for h, p in intercept if h != "*")
         self._tunnelPorts = {443, *connectPorts}
+        self._plainPorts = {80, *connectPorts}
         self._own = {(self._norm(h), p) for h, p in ownAddresses}
 
     @staticmethod
@@ -112,20 +113,44 @@ class ConnectPolicy:
         host = self._norm(host)
         return self._all or (host, None) in self._hosts or (host, port) in self._hosts
 
-    def decide(
-        self, host: str, port: int, local: Optional[Tuple[str, int]] = None
-    ) -> Tuple[Optional[str], str]:
-        """
-        (INTERCEPT | TUNNEL | LOCAL | None, reason); None means refuse with 403.
-        C{local} is the (address, port) the client connected to.
-        """
+    def _known(
+        self, host: str, port: int, local: Optional[Tuple[str, int]]
+    ) -> Optional[Tuple[Optional[str], str]]:
         norm = self._norm(host)
         if norm == LOCAL_HOST:
             return LOCAL, "the proxy itself"
         if self._isOwn(norm, port, local):
-            return None, "CONNECT to the proxy's own address (a loop)"
+            return None, "a request to the proxy's own address (a loop)"
         if self.intercepts(norm, port):
             return INTERCEPT, "ACME server"
+        return None
+
+    def decide(
+        self, host: str, port: int, local: Optional[Tuple[str, int]] = None
+    ) -> Tuple[Optional[str], str]:
+        """
+        (INTERCEPT | TUNNEL | LOCAL | None, reason) for CONNECT; None means
+        refuse with 403. C{local} is the (address, port) the client connected to.
+        """
+        known = self._known(host, port, local)
+        if known is not None:
+            return known
         if port in self._tunnelPorts:
             return TUNNEL, "not an ACME server"
         return None, f"port {port} is not allowed for tunnels (see --connect-port)"
+
+    def decidePlain(
+        self, host: str, port: int, local: Optional[Tuple[str, int]] = None
+    ) -> Tuple[Optional[str], str]:
+        """
+        The same policy for an absolute-form request (C{GET http://host:port/}),
+        which the proxy relays itself: hosts to intercept on their ports, the
+        proxy's own answers, and otherwise port 80 and --connect-port ports
+        only, so absolute URLs are no way around the CONNECT rules.
+        """
+        known = self._known(host, port, local)
+        if known is not None:
+            return known
+        if port in self._plainPorts:
+            return TUNNEL, "not an ACME server"
+        return None, f"port {port} is not allowed for plain HTTP (see --connect-port)"

@@ -73,6 +73,9 @@ class Tunnel(Protocol):
         self._closed = False
 
     def start(self) -> None:
+        # what the client sends before the upstream answers waits in the
+        # socket, not in our memory
+        self._handler.pauseReading("tunnel")
         endpoint = HostnameEndpoint(
             self._ctx.reactor, self._host, self._port, timeout=self._ctx.timeouts.connect or None
         )
@@ -120,6 +123,7 @@ class Tunnel(Protocol):
         self._early = []
         client.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(client, True)
+        self._handler.resumeReading("tunnel")
         self._arm()
 
     def _arm(self) -> None:
