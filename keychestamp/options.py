@@ -186,13 +186,15 @@ def _httpURL(value: str, option: str) -> None:
 
 def _appendable(path: str, option: str) -> None:
     """
-    Fail now, before anything listens, if the audit file cannot be written.
+    Fail now, before anything listens, if the audit file cannot be written:
+    the file sink's own check (directories 0750, file 0640), done early.
     """
+    from keychestamp.sinks.file import FileSink
+
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        FileSink(path, clock=None).check()  # type: ignore[arg-type]
     except OSError as e:
-        raise usage.UsageError(f"{option}: cannot write {path}: {e.strerror or e}")
+        raise usage.UsageError(f"{option}: {e}")
 
 
 class Options(usage.Options):

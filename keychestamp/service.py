@@ -159,7 +159,6 @@ def makeService(
     sinks: List[IEventSink] = []
     if options["file"]:
         fileSink = FileSink(options["file"], reactor, reopenOnSignal=options.get("reopen-on-sighup", True))
-        fileSink.check()
         fileSink.setServiceParent(parent)
         sinks.append(fileSink)
     backlog = None
