@@ -70,6 +70,35 @@ def raw(port: int, payload: bytes, closeAfterSend: bool = False) -> Deferred:
     return d
 
 
+_INTERCEPTED_CLIENT = """
+import socket, ssl, sys
+proxyPort, target, cafile, request = int(sys.argv[1]), sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4])
+s = socket.create_connection(("127.0.0.1", proxyPort), timeout=20)
+s.sendall(b"CONNECT " + target.encode() + b" HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+head = b""
+while not head.endswith(b"\\r\\n\\r\\n"):
+    head += s.recv(1)
+assert head.startswith(b"HTTP/1.1 200"), head
+t = ssl.create_default_context(cafile=cafile).wrap_socket(s, server_hostname=target.rsplit(":", 1)[0])
+t.sendall(request)
+data = b""
+while True:
+    chunk = t.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+def intercepted(proxyPort: int, target: str, cafile: str, request: bytes) -> Deferred:
+    """
+    Python's ssl client: CONNECT target, TLS trusting cafile, send request
+    bytes as they are, read to the end; fires with (out, err, code).
+    """
+    return run(sys.executable, ["-c", _INTERCEPTED_CLIENT, str(proxyPort), target, cafile, request.hex()])
+
+
 class InterceptTests(TestCase):
     """
     CONNECT to an intercepted host: our leaf, then HTTP/1.1 relayed upstream.
@@ -197,27 +226,12 @@ class InterceptTests(TestCase):
         Several requests on one intercepted connection, sent at once, come back
         in order.
         """
-        script = f"""
-import socket, ssl, sys
-s = socket.create_connection(("127.0.0.1", {self.fx.proxyPort}))
-s.sendall(b"CONNECT localhost:{self.fx.port} HTTP/1.1\\r\\nHost: localhost:{self.fx.port}\\r\\n\\r\\n")
-head = b""
-while not head.endswith(b"\\r\\n\\r\\n"):
-    head += s.recv(1)
-assert head.startswith(b"HTTP/1.1 200"), head
-ctx = ssl.create_default_context(cafile={self.fx.rootFile!r})
-t = ctx.wrap_socket(s, server_hostname="localhost")
-req = b"GET /directory HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\nGET /nonce HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\nGET /missing HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n"
-t.sendall(req)
-data = b""
-while True:
-    chunk = t.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-sys.stdout.write(data.decode())
-"""
-        out, err, code = yield run(sys.executable, ["-c", script])
+        out, err, code = yield intercepted(
+            self.fx.proxyPort, f"localhost:{self.fx.port}", self.fx.rootFile,
+            b"GET /directory HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /nonce HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /missing HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
         self.assertEqual(code, 0, err)
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
         self.assertEqual(statuses, [b"200", b"204", b"404"])
@@ -359,24 +373,10 @@ sys.stdout.write("%d %s" % (r.status, r.data.decode()))
         An http:// absolute URL inside an intercepted TLS stream is refused
         (400), never sent upstream unencrypted.
         """
-        script = f"""
-import socket, ssl, sys
-s = socket.create_connection(("127.0.0.1", {self.fx.proxyPort}), timeout=20)
-s.sendall(b"CONNECT localhost:{self.fx.port} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-head = b""
-while not head.endswith(b"\\r\\n\\r\\n"):
-    head += s.recv(1)
-t = ssl.create_default_context(cafile={self.fx.rootFile!r}).wrap_socket(s, server_hostname="localhost")
-t.sendall(b"GET http://localhost:{self.fx.port}/directory HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n")
-data = b""
-while True:
-    chunk = t.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-sys.stdout.write(data.decode())
-"""
-        out, err, code = yield run(sys.executable, ["-c", script])
+        out, err, code = yield intercepted(
+            self.fx.proxyPort, f"localhost:{self.fx.port}", self.fx.rootFile,
+            b"GET http://localhost:%d/directory HTTP/1.1\r\nHost: localhost\r\n\r\n" % self.fx.port,
+        )
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
         self.assertEqual(self.fx.resource.requests, [])
